@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from ethos.errors import EthosError
 from ethos.paths import DATASETS_DIR
+from ethos.yamlfile import load_yaml_model
 
 DEFAULT_ITEMS_DIR = DATASETS_DIR / "consistency"
 _ID = r"^[A-Za-z0-9_\-]+$"
@@ -86,18 +86,9 @@ class ItemSets:
 
 
 def _load(path: Path, schema: type[BaseModel]):
-    if not path.exists():
-        raise EthosError(f"consistency item file {path} not found: copy it from {DEFAULT_ITEMS_DIR} or fix consistency.items")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise EthosError(f"{path}: not valid YAML ({' '.join(str(exc).split())[:160]})") from None
-    try:
-        return schema.model_validate(raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise EthosError(f"{path}: {where}: {err['msg']} (see {DEFAULT_ITEMS_DIR / path.name} for the format)") from None
+    return load_yaml_model(path, schema, "consistency item file",
+                           f"copy it from {DEFAULT_ITEMS_DIR} or fix consistency.items",
+                           f"see {DEFAULT_ITEMS_DIR / path.name} for the format")
 
 
 def _check_unique(path: Path, ids: list[str]) -> None:

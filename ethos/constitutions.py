@@ -8,11 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import EthosError
 from .paths import CONSTITUTIONS_DIR
+from .yamlfile import load_yaml_model
 
 # Persona dimensions a signature may name; each maps to a persona statement file (see datasets/persona/).
 PERSONA_DIMENSIONS = ("deontology", "consequentialism", "virtue_ethics", "deference_to_authority")
@@ -85,18 +85,8 @@ def load_constitution(ref: str) -> Constitution:
         raise EthosError(
             f"unknown constitution {ref!r}: available are {available_constitutions()}, or give a path to a YAML file"
         )
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise EthosError(f"constitution {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    try:
-        constitution = Constitution.model_validate(raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise EthosError(
-            f"constitution {path.name}: {where}: {err['msg']} ({len(exc.errors())} problem(s); see datasets/constitutions/README.md)"
-        ) from None
+    constitution = load_yaml_model(path, Constitution, "constitution", "give a path to a YAML file",
+                                   "see datasets/constitutions/README.md")
     # Runs and SFT sets are named after the file (see Recipe.constitution_names): the two must agree.
     if constitution.name != path.stem:
         raise EthosError(

@@ -10,10 +10,10 @@ import json
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import EthosError, RecipeError
+from .yamlfile import YamlSyntaxError, read_yaml
 
 
 class Section(BaseModel):
@@ -334,10 +334,8 @@ def parse_recipe(raw: object, source: str, base_dir: Path) -> Recipe:
 
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
-    if not path.exists():
-        raise EthosError(f"recipe {path} not found: give a YAML file, e.g. datasets/recipes/demo.yaml")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise RecipeError(str(path), [f"not valid YAML: {' '.join(str(exc).split())}"]) from None
+        raw = read_yaml(path, "recipe", "give a YAML file, e.g. datasets/recipes/demo.yaml")
+    except YamlSyntaxError as exc:
+        raise RecipeError(str(path), [f"not valid YAML: {exc.detail}"]) from None
     return parse_recipe(raw, str(path), path.resolve().parent)

@@ -45,6 +45,12 @@ class Stage:
     writes: tuple[str, ...]  # tables it must have written when it finishes
     sections: tuple[str, ...]  # recipe sections that change its result
     run: Callable[[StageContext], None]
+    # Sections that matter only under some settings (e.g. the evaluation judge when filters.judge is on).
+    conditional_sections: Callable[[object], tuple[str, ...]] | None = None
+
+    def recipe_sections(self, recipe) -> tuple[str, ...]:
+        extra = self.conditional_sections(recipe) if self.conditional_sections else ()
+        return self.sections + tuple(s for s in extra if s not in self.sections)
 
     def fingerprint(self, recipe, store: RunStore) -> tuple[str, dict]:
         inputs = {}
@@ -55,7 +61,7 @@ class Stage:
             if fp is None and not optional:
                 raise EthosError(f"stage {self.name!r} needs table {name!r}, which no stage has written yet: run the earlier stages first")
             inputs[name] = fp
-        basis = json.dumps({"code": code_version(), "recipe": recipe.section_hash(*self.sections), "inputs": inputs},
+        basis = json.dumps({"code": code_version(), "recipe": recipe.section_hash(*self.recipe_sections(recipe)), "inputs": inputs},
                            sort_keys=True)
         return hashlib.sha256(basis.encode()).hexdigest()[:16], inputs
 
@@ -103,7 +109,7 @@ def run_stage(stage: Stage, recipe, store: RunStore, force: bool = False, log=pr
         return False
     fingerprint, inputs = stage.fingerprint(recipe, store)
     started = now()
-    recipe_hash = recipe.section_hash(*stage.sections)
+    recipe_hash = recipe.section_hash(*stage.recipe_sections(recipe))
     store.record_stage(stage.name, "running", fingerprint, recipe_hash, recipe.model.name, inputs, {}, started)
     log(f"[{stage.name}] {stage.description}")
     ctx = StageContext(recipe=recipe, store=store, stage=stage.name)

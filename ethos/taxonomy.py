@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from .errors import EthosError
 from .paths import DATASETS_DIR
+from .yamlfile import read_yaml
 
 DEFAULT_TAXONOMY = DATASETS_DIR / "taxonomy.yaml"
 IDENTITY_MAPPING = "taxonomy"  # a source whose labels already are taxonomy category names
@@ -47,12 +46,7 @@ class Taxonomy:
 
 def load_taxonomy(path: str | Path | None = None) -> Taxonomy:
     path = Path(path) if path else DEFAULT_TAXONOMY
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise EthosError(f"taxonomy file {path} not found: point `taxonomy:` at a YAML file like datasets/taxonomy.yaml") from None
-    except yaml.YAMLError as exc:
-        raise EthosError(f"taxonomy {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    raw = read_yaml(path, "taxonomy", "point `taxonomy:` at a YAML file like datasets/taxonomy.yaml")
     if not isinstance(raw, dict) or not isinstance(raw.get("categories"), dict) or not raw["categories"]:
         raise EthosError(f"taxonomy {path}: needs a non-empty `categories:` mapping of name to description")
     categories = {str(k): str(v) for k, v in raw["categories"].items()}

@@ -383,4 +383,6 @@ STAGE = Stage(
     writes=("samples", "rejected"),
     sections=("model", "constitutions", "generation", "filters"),
     run=_run,
+    # filters.judge uses the evaluation section's judge, so a new judge must re-filter.
+    conditional_sections=lambda recipe: ("evaluation",) if recipe.filters.judge else (),
 )

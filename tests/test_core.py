@@ -289,3 +289,15 @@ def test_missing_model_gives_one_line():
     with pytest.raises(EthosError, match="not found") as err:
         load_causal_lm("./no/such/model/folder")
     assert "\n" not in str(err.value)
+
+
+def test_generate_fingerprint_follows_the_judge_only_when_filters_use_it(tmp_path, write_recipe):
+    from ethos.pipelines.generate import STAGE as GENERATE
+
+    def generate_hash(filters_judge: bool, judge: str) -> str:
+        recipe = load_recipe(write_recipe(tiny_recipe(filters={"judge": filters_judge}, evaluation={
+            "judge": judge, "judge_base_url": "http://127.0.0.1:9/v1", "judge_model": "guard"})))
+        return recipe.section_hash(*GENERATE.recipe_sections(recipe))
+
+    assert generate_hash(False, "embedded") == generate_hash(False, "openai")
+    assert generate_hash(True, "embedded") != generate_hash(True, "openai")

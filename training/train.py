@@ -18,6 +18,7 @@ import pandas as pd
 from ethos.errors import EthosError
 from ethos.stages import Stage, StageContext
 from ethos.store import RunStore
+from ethos.yamlfile import read_yaml
 
 ADAPTER_COLUMNS = ["name", "constitution", "scope", "path", "base_model", "dataset_fingerprint", "recipe_hash",
                    "train_rows", "train_loss", "tokens_seen", "wall_time_s"]
@@ -123,17 +124,11 @@ STAGE = Stage(
 # -- settings for bring-your-own data ------------------------------------------------------------------------
 def load_training_settings(path: str | Path):
     """(ModelConfig or None, TrainingConfig) from a full recipe or from a settings file such as training/gpu.yaml."""
-    import yaml
 
     from ethos.recipe import ModelConfig, TrainingConfig, load_recipe
 
     path = Path(path)
-    if not path.exists():
-        raise EthosError(f"recipe {path} not found: give a recipe or a settings file such as training/gpu.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise EthosError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    raw = read_yaml(path, "recipe", "give a recipe or a settings file such as training/gpu.yaml")
     if not isinstance(raw, dict):
         raise EthosError(f"{path}: a recipe is a YAML mapping with a `training:` section")
     if "sources" in raw or "constitutions" in raw:  # a full recipe: validate all of it
