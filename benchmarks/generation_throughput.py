@@ -1,11 +1,12 @@
-"""Generation throughput: our embedded path (transformers, bf16, batch 8) against llama.cpp on the same GGUF.
+"""Generation throughput: our embedded path (transformers, bf16, batched) against llama.cpp on the same GGUF.
 
-    .venv/bin/python -m benchmarks.generation_throughput [--prompts 16] [--max-new-tokens 64]
+    .venv/bin/python -m benchmarks.generation_throughput [--prompts 32] [--max-new-tokens 64] [--batch-sizes 8 16 32]
 
 Both sides answer the same HarmBench prompts (read from ../shared/data) with the same sampling settings and
-token budget. Ours is ``ethos.models.chat_generate`` at batch 8 on the bf16 model dequantised from the embedded
-GGUF (the generate stage's initial-answer path); llama.cpp is llama-cpp-python decoding that GGUF file itself at
-batch 1, one request after another, as a llama.cpp server would for a single client.
+token budget. Ours is ``ethos.models.chat_generate`` on the bf16 model dequantised from the embedded GGUF (the
+generate stage's initial-answer path), at each of ``--batch-sizes``; the headline ratio is taken at the recipe's
+default ``generation.batch_size``. llama.cpp is llama-cpp-python decoding that GGUF file itself at batch 1, one
+request after another, as a llama.cpp server would for a single client.
 
 llama-cpp-python is not a project dependency (it builds llama.cpp from source, about ten minutes here). It is
 looked for in a separate venv, ``.cache/bench-venv`` (override with ETHOS_BENCH_PYTHON=/path/to/python):
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 
 from ethos.paths import PROJECT_ROOT
+from ethos.recipe import GenerationConfig
 from ethos.store import write_json
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results" / "generation_throughput.json"
@@ -72,7 +74,7 @@ def load_embedded():
     return model, tokenizer
 
 
-def run_embedded(model, tokenizer, prompts: list[str], args) -> dict:
+def run_embedded(model, tokenizer, prompts: list[str], args, batch_size: int) -> dict:
     import torch
 
     from ethos.models import chat_generate
@@ -80,10 +82,10 @@ def run_embedded(model, tokenizer, prompts: list[str], args) -> dict:
     conversations = [[{"role": "user", "content": p}] for p in prompts]
     started = time.perf_counter()
     results = chat_generate(model, tokenizer, conversations, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, top_p=args.top_p, seed=0, batch_size=args.batch_size)
+                            temperature=args.temperature, top_p=args.top_p, seed=0, batch_size=batch_size)
     elapsed = time.perf_counter() - started
     tokens = sum(r["new_tokens"] for r in results)
-    return {"backend": "transformers (ethos.models.chat_generate)", "dtype": "bfloat16", "batch_size": args.batch_size,
+    return {"backend": "transformers (ethos.models.chat_generate)", "dtype": "bfloat16", "batch_size": batch_size,
             "torch": torch.__version__, "threads": torch.get_num_threads(), "new_tokens": tokens,
             "seconds": round(elapsed, 2), "tokens_per_s": round(tokens / elapsed, 1),
             "samples_per_min": round(len(prompts) / elapsed * 60, 1)}
@@ -116,24 +118,29 @@ def run_llama_cpp(prompts: list[str], args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16, 32],
+                        help="embedded batch sizes to measure; the recipe default is always among them")
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs per side; the median is reported")
     parser.add_argument("--skip-llama-cpp", action="store_true", help="measure only our embedded path")
     args = parser.parse_args(argv)
 
+    default_batch = GenerationConfig().batch_size
+    batch_sizes = sorted(set(args.batch_sizes) | {default_batch})
     prompts = load_prompts(args.prompts)
     load_start = os.getloadavg()[0]
     model, tokenizer = load_embedded()
-    ours_runs, theirs_runs, theirs = [], [], {"available": False, "reason": "skipped (--skip-llama-cpp)"}
+    ours_runs: dict[int, list[dict]] = {b: [] for b in batch_sizes}
+    theirs_runs, theirs = [], {"available": False, "reason": "skipped (--skip-llama-cpp)"}
     # Alternate the two sides so that both see the same background load.
     for repeat in range(1, args.repeats + 1):
-        print(f"[{repeat}/{args.repeats}] embedded model, bf16, batch {args.batch_size}: {len(prompts)} prompts x {args.max_new_tokens} new tokens ...")
-        ours_runs.append(run_embedded(model, tokenizer, prompts, args))
-        print(f"  {ours_runs[-1]['tokens_per_s']} tokens/s, {ours_runs[-1]['samples_per_min']} samples/min")
+        for batch_size in batch_sizes:
+            print(f"[{repeat}/{args.repeats}] embedded model, bf16, batch {batch_size}: {len(prompts)} prompts x {args.max_new_tokens} new tokens ...")
+            ours_runs[batch_size].append(run_embedded(model, tokenizer, prompts, args, batch_size))
+            print(f"  {ours_runs[batch_size][-1]['tokens_per_s']} tokens/s, {ours_runs[batch_size][-1]['samples_per_min']} samples/min")
         if args.skip_llama_cpp:
             continue
         print(f"[{repeat}/{args.repeats}] llama.cpp (llama-cpp-python), same GGUF, batch 1 ...")
@@ -144,10 +151,13 @@ def main(argv: list[str] | None = None) -> int:
             continue
         theirs_runs.append(theirs)
         print(f"  {theirs['tokens_per_s']} tokens/s, {theirs['samples_per_min']} samples/min")
-    ours = summarise(ours_runs)
+    by_batch = {b: summarise(runs) for b, runs in ours_runs.items()}
+    ours = by_batch[default_batch]
     if theirs_runs:
         theirs = summarise(theirs_runs)
     ratio = round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2) if theirs.get("available") else None
+    ratio_by_batch = ({str(b): round(r["tokens_per_s"] / theirs["tokens_per_s"], 2) for b, r in by_batch.items()}
+                      if theirs.get("available") else None)
     result = {
         "benchmark": "generation_throughput", "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
@@ -155,12 +165,13 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                      "repeats": args.repeats,
                      "top_p": args.top_p, "prompt_source": "HarmBench standard behaviours"},
-        "embedded": ours, "llama_cpp": theirs,
-        "ratio_tokens_per_s": ratio, "target_ratio": TARGET_RATIO,
+        "embedded": ours, "embedded_by_batch_size": {str(b): r for b, r in by_batch.items()}, "llama_cpp": theirs,
+        "ratio_tokens_per_s": ratio, "ratio_by_batch_size": ratio_by_batch, "target_ratio": TARGET_RATIO,
+        "ratio_at": f"generation.batch_size default ({default_batch})",
         "meets_target": None if ratio is None else ratio >= TARGET_RATIO,
     }
     write_json(RESULTS, result)
-    print(f"median tokens/s: embedded {ours['tokens_per_s']}, llama.cpp {theirs.get('tokens_per_s')}; "
+    print(f"median tokens/s: embedded {ours['tokens_per_s']} at batch {default_batch}, llama.cpp {theirs.get('tokens_per_s')}; "
           f"ratio {ratio} (target >= {TARGET_RATIO}); written to {RESULTS.relative_to(PROJECT_ROOT)}")
     return 0
 
