@@ -75,7 +75,7 @@ class GenerationConfig(Section):
     max_new_tokens: int = Field(default=128, gt=0)
     temperature: float = Field(default=0.7, ge=0)
     top_p: float = Field(default=0.95, gt=0, le=1)
-    # 16 rows per forward pass: 1.4x the tokens/s of 8 on a 2-core CPU (benchmarks/results/generation_throughput.json)
+    # 16 rows per forward pass: 1.5x the tokens/s of 8 on a 2-core CPU (benchmarks/results/generation_throughput.json)
     batch_size: int = Field(default=16, gt=0)
     seed: int = 0
     ray: bool = False  # distilabel's own Ray execution for scale-out beyond one machine

@@ -124,7 +124,6 @@ STAGE = Stage(
 # -- settings for bring-your-own data ------------------------------------------------------------------------
 def load_training_settings(path: str | Path):
     """(ModelConfig or None, TrainingConfig) from a full recipe or from a settings file such as training/gpu.yaml."""
-
     from ethos.recipe import ModelConfig, TrainingConfig, load_recipe
 
     path = Path(path)
