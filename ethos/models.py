@@ -151,6 +151,22 @@ def render_chat(tokenizer, conversations: Sequence[Sequence[dict]], add_generati
     ]
 
 
+def sampling_kwargs(temperature: float, top_p: float) -> dict:
+    """transformers ``generate`` settings: greedy at temperature 0, nucleus sampling otherwise."""
+    if temperature > 0:
+        return dict(do_sample=True, temperature=temperature, top_p=top_p)
+    return dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+
+
+def decode_reply(tokenizer, generated: Sequence[int]) -> dict:
+    """One reply from its new token ids: text up to the first end token, why it ended, and its length."""
+    stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    stop = next((k for k, t in enumerate(generated) if t in stop_ids), None)
+    kept = list(generated) if stop is None else list(generated[:stop])
+    return {"text": tokenizer.decode(kept, skip_special_tokens=True).strip(),
+            "finish_reason": "length" if stop is None else "stop", "new_tokens": len(kept)}
+
+
 def chat_generate(
     model,
     tokenizer,
@@ -178,25 +194,13 @@ def chat_generate(
     for _, chunk in _batches(order, batch_size):
         enc = tokenizer([texts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
         enc = {k: v.to(model.device) for k, v in enc.items()}
-        kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-        if temperature > 0:
-            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                      **sampling_kwargs(temperature, top_p))
         with torch.inference_mode():
             out = model.generate(**enc, **kwargs)
         new = out[:, enc["input_ids"].shape[1] :]
-        stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
         for row, idx in enumerate(chunk):
-            ids = new[row].tolist()
-            n = next((k for k, t in enumerate(ids) if t in stop_ids), None)
-            finish = "stop" if n is not None else "length"
-            ids = ids if n is None else ids[:n]
-            results[idx] = {
-                "text": tokenizer.decode(ids, skip_special_tokens=True).strip(),
-                "finish_reason": finish,
-                "new_tokens": len(ids),
-            }
+            results[idx] = decode_reply(tokenizer, new[row].tolist())
         if progress is not None:
             progress.update(len(chunk))
     return results  # type: ignore[return-value]

@@ -62,15 +62,13 @@ def shared_prefix_generate(model, tokenizer, conversations, *, max_new_tokens: i
 
     import torch
 
-    from ethos.models import chat_generate, render_chat
+    from ethos.models import chat_generate, decode_reply, render_chat, sampling_kwargs
 
     texts = render_chat(tokenizer, conversations)
     token_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     results: List[Any] = [None] * len(texts)
     torch.manual_seed(seed)
-    stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
-    sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0
-                else dict(do_sample=False, temperature=None, top_p=None, top_k=None))
+    sampling = sampling_kwargs(temperature, top_p)
     for prefix_len, rows in _prefix_groups(token_ids, min_prefix):
         if prefix_len < min_prefix:
             plain = chat_generate(model, tokenizer, [conversations[i] for i in rows], max_new_tokens=max_new_tokens,
@@ -101,11 +99,7 @@ def shared_prefix_generate(model, tokenizer, conversations, *, max_new_tokens: i
                                      max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling)
             new = out[:, ids.shape[1]:]
             for row, i in enumerate(chunk):
-                generated = new[row].tolist()
-                stop = next((k for k, t in enumerate(generated) if t in stop_ids), None)
-                kept = generated if stop is None else generated[:stop]
-                results[i] = {"text": tokenizer.decode(kept, skip_special_tokens=True).strip(),
-                              "finish_reason": "length" if stop is None else "stop", "new_tokens": len(kept)}
+                results[i] = decode_reply(tokenizer, new[row].tolist())
     return results
 
 
