@@ -7,10 +7,12 @@
 2. Training prompts with the same normalised text as another one are dropped (``duplicate``; the smallest
    prompt id stays).
 3. Each category keeps at most splits.train_prompts_per_category prompts, sampled with splits.seed.
-4. ``in_narrow``: the category is one of splits.narrow_categories and the category is confident (not
-   ``needs_audit``), and the prompt is not a near-duplicate of any held-out training prompt (a prompt of role
-   train whose category is held out, whether or not it survived the cap) by the same three text/embedding
-   tests; those stay in the broad pool and are recorded with reason ``heldout_<test>``, action ``not_narrow``.
+4. ``in_narrow``: the category is one of splits.narrow_categories, it is not ``needs_audit``, its confidence
+   reaches categorization.narrow_min_confidence (source labels have 1.0; voted ones below it stay broad-only,
+   reason ``narrow_confidence``, action ``not_narrow``), and the prompt is not a near-duplicate of any held-out
+   training prompt (a prompt of role train whose category is held out, whether or not it survived the cap) by
+   the same three text/embedding tests; those stay in the broad pool, reason ``heldout_<test>``, action
+   ``not_narrow``.
 
 ``decontamination`` lists every decision: ``prompt_id, reason, matched_prompt_id, score, action``
 (``removed`` from the pool, or ``not_narrow``). The matching itself is the SQL that ``ethos verify`` runs.
@@ -121,6 +123,11 @@ def select(categorized: pd.DataFrame, embeddings: pd.DataFrame, recipe) -> tuple
 
         pool = cap_per_category(pool, recipe.splits.train_prompts_per_category, recipe.splits.seed)
         pool = pool.assign(in_narrow=pool["category"].isin(narrow) & ~pool["needs_audit"].astype(bool))
+        unsure = pool[pool["in_narrow"] & (pool["category_confidence"] < recipe.categorization.narrow_min_confidence)]
+        decisions.append(pd.DataFrame({"prompt_id": unsure["prompt_id"], "reason": "narrow_confidence",
+                                       "matched_prompt_id": None, "score": unsure["category_confidence"],
+                                       "action": "not_narrow"}))
+        pool.loc[pool["prompt_id"].isin(unsure["prompt_id"]), "in_narrow"] = False
         held_out = categorized[(categorized["role"] == "train") & ~categorized["category"].isin(narrow)]
         near_held_out = near_duplicates(con, pool[pool["in_narrow"]], held_out, embeddings, verification, prefix="heldout_")
         decisions.append(near_held_out.assign(action="not_narrow"))

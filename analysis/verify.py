@@ -13,7 +13,8 @@ What is compared with what:
 The checks, each an SQL file in ``analysis/sql/``:
 
 1. ``narrow_categories``: no narrow-set sample has a held-out category, by its own label and by its training
-   prompt's (which must exist and be marked ``in_narrow``).
+   prompt's (which must exist, be marked ``in_narrow`` and have a category confidence of at least
+   ``categorization.narrow_min_confidence``).
 2. ``normalized_text``: no subject equals a reference after normalisation (``sql/normalize.sql``).
 3. ``ngram_overlap``: word-shingle Jaccard to every reference below ``verification.max_ngram_jaccard``.
 4. ``embedding_similarity``: cosine to the nearest reference below ``verification.max_cosine``.
@@ -74,6 +75,7 @@ def verification_settings(recipe) -> dict:
     return {
         "narrow_categories": narrow,
         "held_out_categories": [c for c in taxonomy.categories if c not in narrow],
+        "narrow_min_confidence": recipe.categorization.narrow_min_confidence,
         "ngram_size": recipe.verification.ngram_size,
         "max_ngram_jaccard": recipe.verification.max_ngram_jaccard,
         "max_cosine": recipe.verification.max_cosine,
@@ -194,7 +196,8 @@ def _prepare(con, store: RunStore, samples: pd.DataFrame, settings: dict) -> Non
     con.execute("CREATE OR REPLACE TEMP TABLE verify_offenses (check_name VARCHAR, sample_id VARCHAR, problem VARCHAR, "
                 "ref_id VARCHAR, ref_category VARCHAR, score DOUBLE)")
     run_sql(con, "normalize.sql", narrow_categories=settings["narrow_categories"],
-            held_out_categories=settings["held_out_categories"], ngram_size=int(settings["ngram_size"]),
+            held_out_categories=settings["held_out_categories"],
+            narrow_min_confidence=float(settings["narrow_min_confidence"]), ngram_size=int(settings["ngram_size"]),
             jaccard_threshold=float(settings["max_ngram_jaccard"]), cosine_threshold=float(settings["max_cosine"]))
     run_sql(con, "verify_references.sql")
 
@@ -204,7 +207,7 @@ def _check_rows(offenses: pd.DataFrame, counts: dict, settings: dict, audit: dic
     references = f"{counts['eval_prompts']} evaluation and {counts['heldout_prompts']} held-out prompts"
     passing = {
         "narrow_categories": f"all {counts['narrow_samples']} narrow-set samples are {' or '.join(settings['narrow_categories'])} "
-                             "and come from in_narrow training prompts",
+                             f"and come from in_narrow training prompts categorised with confidence >= {settings['narrow_min_confidence']}",
         "normalized_text": f"{counts['samples']} samples against {references}: no normalised repeat",
         "ngram_overlap": f"{counts['samples']} samples against {references}: every {settings['ngram_size']}-word shingle "
                          f"Jaccard below {settings['max_ngram_jaccard']}",

@@ -229,3 +229,26 @@ def test_cli_exit_codes_and_one_line_errors(clean_run, tmp_path, capsys, shared_
     assert err.count("\n") == 0 and "lacks table(s) ['samples', 'train_prompts', 'eval_prompts', 'prompt_embeddings']" in err
     with pytest.raises(EthosError, match="has not been verified"):
         assert_publishable(empty)
+
+
+def test_narrow_sets_need_a_confident_category(run_copy):
+    store = run_copy
+    train = store.read_table("train_prompts")
+    narrow = train["category"].isin(["harassment", "illegal_activity"])
+    unsure = train[narrow & (train["category_confidence"] < store.recipe().categorization.narrow_min_confidence)]
+    assert len(unsure) and (unsure["source"] == "advbench").all()  # voted, not labelled
+    assert not unsure["in_narrow"].any() and not unsure["needs_audit"].all()
+    decontamination = store.read_table("decontamination")
+    marked = decontamination[decontamination["reason"] == "narrow_confidence"]
+    # Those below min_confidence wait for audit; those between the two thresholds are recorded as not narrow.
+    voted_in = unsure[~unsure["needs_audit"]]
+    assert set(voted_in["prompt_id"]) == set(marked["prompt_id"]) and (marked["action"] == "not_narrow").all()
+    # A selection that let them into the narrow sets anyway fails verification, which names the confidence.
+    forced = train.assign(in_narrow=train["in_narrow"] | train["prompt_id"].isin(unsure["prompt_id"]))
+    store.write_table("train_prompts", forced, "select")
+    write_samples(store)
+    result = run_verification(store)
+    assert not result["passed"]
+    assert set(check(result, "narrow_categories")["offending_ids"]) == {
+        f"{c}:{p}" for c in CONSTITUTIONS for p in unsure["prompt_id"]}
+    assert "below narrow_min_confidence" in (store.root / SUMMARY_FILE).read_text()
