@@ -9,7 +9,9 @@
 3. Each category keeps at most splits.train_prompts_per_category prompts, sampled with splits.seed.
 4. ``in_narrow``: the category is one of splits.narrow_categories, it is not ``needs_audit``, its confidence
    reaches categorization.narrow_min_confidence (source labels have 1.0; voted ones below it stay broad-only,
-   reason ``narrow_confidence``, action ``not_narrow``), and the prompt is not a near-duplicate of any held-out
+   reason ``narrow_confidence``, action ``not_narrow``), the labelled prompts of the other sources do not vote
+   its source label into a held-out category with that confidence (reason ``heldout_vote``; see
+   ``contradicted_labels``), and the prompt is not a near-duplicate of any held-out
    training prompt (a prompt of role train whose category is held out, whether or not it survived the cap) by
    the same three text/embedding tests; those stay in the broad pool, reason ``heldout_<test>``, action
    ``not_narrow``.
@@ -26,7 +28,7 @@ import pandas as pd
 from ethos.errors import EthosError
 from ethos.stages import Stage, StageContext
 
-from .categorize import CATEGORIZED_COLUMNS
+from .categorize import CATEGORIZED_COLUMNS, VOTING_ROLES, knn_vote
 from .matching import embedding_matches, normalized_texts, text_matches
 
 TRAIN_COLUMNS = ["prompt_id", "prompt", "source", "category", "category_confidence", "in_narrow", "needs_audit"]
@@ -81,6 +83,31 @@ def near_duplicates(con, subjects: pd.DataFrame, references: pd.DataFrame, embed
     return matches.drop_duplicates("prompt_id")[DECONTAMINATION_COLUMNS[:4]].reset_index(drop=True)
 
 
+def contradicted_labels(candidates: pd.DataFrame, categorized: pd.DataFrame, embeddings: pd.DataFrame, k: int,
+                        held_out: list[str], min_share: float) -> pd.DataFrame:
+    """Source-labelled candidates that the labelled prompts of *other* sources confidently vote into a held-out
+    category: ``prompt_id, reason ('heldout_vote'), matched_prompt_id (nearest such voter), score (vote share)``.
+
+    Sources file prompts differently (StrongREJECT's "Non-violent crimes" holds malware requests, which this
+    taxonomy calls cybercrime), so a source's own label is checked against the others'. Only candidates whose
+    category the voters also use are checked, so that agreement is possible, and only with at least k voters.
+    """
+    voters = categorized[(categorized["category_method"] == "source_label") & categorized["role"].isin(VOTING_ROLES)]
+    found = []
+    for source, group in candidates[candidates["category_method"] == "source_label"].groupby("source"):
+        others = voters[voters["source"] != source]
+        group = group[group["category"].isin(set(others["category"]))]
+        if len(others) < k or group.empty:
+            continue
+        queries, references = embedding_matrix(embeddings, group["prompt_id"]), embedding_matrix(embeddings, others["prompt_id"])
+        votes, shares = knn_vote(queries, references, others["category"].to_numpy(), k)
+        hit = np.isin(votes, held_out) & (shares >= min_share)
+        nearest = others["prompt_id"].to_numpy()[(queries[hit] @ references.T).argmax(axis=1)] if hit.any() else []
+        found.append(pd.DataFrame({"prompt_id": group["prompt_id"].to_numpy()[hit], "reason": "heldout_vote",
+                                   "matched_prompt_id": nearest, "score": shares[hit]}))
+    return pd.concat(found, ignore_index=True) if found else pd.DataFrame(columns=DECONTAMINATION_COLUMNS[:4])
+
+
 def cap_per_category(pool: pd.DataFrame, cap: int | None, seed: int) -> pd.DataFrame:
     if cap is None:
         return pool
@@ -128,6 +155,11 @@ def select(categorized: pd.DataFrame, embeddings: pd.DataFrame, recipe) -> tuple
                                        "matched_prompt_id": None, "score": unsure["category_confidence"],
                                        "action": "not_narrow"}))
         pool.loc[pool["prompt_id"].isin(unsure["prompt_id"]), "in_narrow"] = False
+        held_out_categories = [c for c in recipe.taxonomy_obj().categories if c not in narrow]
+        contradicted = contradicted_labels(pool[pool["in_narrow"]], categorized, embeddings, recipe.categorization.k,
+                                           held_out_categories, recipe.categorization.narrow_min_confidence)
+        decisions.append(contradicted.assign(action="not_narrow"))
+        pool.loc[pool["prompt_id"].isin(contradicted["prompt_id"]), "in_narrow"] = False
         held_out = categorized[(categorized["role"] == "train") & ~categorized["category"].isin(narrow)]
         near_held_out = near_duplicates(con, pool[pool["in_narrow"]], held_out, embeddings, verification, prefix="heldout_")
         decisions.append(near_held_out.assign(action="not_narrow"))

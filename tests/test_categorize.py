@@ -8,7 +8,7 @@ import pytest
 
 from ethos.analysis.categorize import categorize, knn_vote
 from ethos.analysis.embeddings import embed_texts, embedding_model_location
-from ethos.analysis.select import select
+from ethos.analysis.select import contradicted_labels, select
 from ethos.errors import EthosError
 from ethos.recipe import parse_recipe
 from ethos.sources import load_prompts
@@ -151,3 +151,24 @@ def test_select_decontaminates_caps_and_marks_narrow(tmp_path, shared_data):
     assert flags[train.set_index("prompt_id")["category"].eq("violence")].eq(False).all()
     # The cap is a seeded sample: the same recipe selects the same prompts.
     assert select(categorized, embeddings, recipe)[0].equals(train)
+
+
+def test_source_labels_that_other_sources_place_in_held_out_categories_stay_out_of_narrow(tmp_path, shared_data):
+    # StrongREJECT files chemical-weapon recipes under "Illegal goods and services" (mapped to illegal_activity);
+    # HarmBench's labelled prompts vote them chemical_biological, a held-out category.
+    recipe = make_recipe(tmp_path, shared_data)
+    categorized, embeddings = categorize(load_prompts(recipe), recipe, cache_dir=tmp_path / "cache")
+    narrow = list(recipe.splits.narrow_categories)
+    held_out = [c for c in recipe.taxonomy_obj().categories if c not in narrow]
+    candidates = categorized[(categorized["role"] == "train") & categorized["category"].isin(narrow)]
+    flagged = contradicted_labels(candidates, categorized, embeddings, recipe.categorization.k, held_out, 0.9)
+    by_id = categorized.set_index("prompt_id")
+    assert any("phosgene" in by_id.loc[p, "prompt"] for p in flagged["prompt_id"])
+    assert (by_id.loc[flagged["prompt_id"], "category_method"] == "source_label").all()  # votes are not re-voted
+    assert (flagged["score"] >= 0.9).all() and (flagged["reason"] == "heldout_vote").all()
+    nearest = by_id.loc[flagged["matched_prompt_id"]]
+    assert (nearest["source"] == "harmbench").all() and nearest["category"].isin(held_out).all()
+    assert len(flagged) < (candidates["source"] == "strongreject").sum() / 4  # most labels stand
+    # Without another source's labels to compare with, nothing is flagged.
+    alone = categorized[categorized["source"] != "harmbench"]
+    assert contradicted_labels(candidates, alone, embeddings, recipe.categorization.k, held_out, 0.9).empty
