@@ -15,7 +15,12 @@ embedding model:
 
 For each confidence threshold: the share of prompts accepted without audit, the accuracy among them, and the
 **narrow leak rate** (of accepted prompts voted into a narrow category, the share whose true category is held
-out). Prompts below the threshold go to audit. Results: benchmarks/results/categorization_accuracy.json.
+out). Prompts below the threshold go to audit.
+
+``label_cross_check``: how many StrongREJECT prompts whose own label maps to a narrow category HarmBench's
+labelled prompts vote into a held-out category at ``narrow_min_confidence`` (``analysis.select.
+contradicted_labels``, which keeps them out of the narrow sets), with the prompts themselves.
+Results: benchmarks/results/categorization_accuracy.json.
 """
 
 from __future__ import annotations
@@ -85,6 +90,19 @@ def pooled(embeddings: np.ndarray, labels: np.ndarray, k: int, folds: int, seed:
     return predicted.astype(str), confidence
 
 
+def label_cross_check(data: pd.DataFrame, embeddings: np.ndarray, k: int, min_share: float) -> dict:
+    from ethos.analysis.select import contradicted_labels
+
+    taxonomy = load_taxonomy()
+    frame = data.assign(prompt_id=[f"{s}-{i}" for i, s in enumerate(data["source"])], category_method="source_label",
+                        role=np.where(data["source"] == "harmbench", "eval", "train"))
+    vectors = pd.DataFrame({"prompt_id": frame["prompt_id"], "embedding": list(embeddings)})
+    candidates = frame[(frame["source"] == "strongreject") & frame["category"].isin(taxonomy.narrow)]
+    flagged = contradicted_labels(candidates, frame, vectors, k, list(taxonomy.held_out), min_share)
+    return {"strongreject_narrow_labels": len(candidates), "voted_held_out": len(flagged), "min_share": min_share,
+            "prompts": frame.set_index("prompt_id").loc[flagged["prompt_id"], "prompt"].tolist()}
+
+
 def main(argv: list[str] | None = None) -> int:
     from ethos.analysis.categorize import knn_vote
     from ethos.analysis.embeddings import embed_texts
@@ -112,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         results[f"{voters}_votes_on_{queries}"] = {
             "prompts": int(q.sum()), "categories_the_voters_lack": unreachable,
             "thresholds": score(labels[q], np.array(votes), shares, narrow)}
+    results["label_cross_check"] = label_cross_check(data, embeddings, args.k, defaults.narrow_min_confidence)
     at_default = next(r for r in results["pooled"]["thresholds"] if r["min_confidence"] == defaults.min_confidence)
     result = {
         "benchmark": "categorization_accuracy", "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -130,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  min_confidence {r['min_confidence']:.1f}: accepted {r['accepted_share']:.0%}, "
                   f"accuracy {r['accuracy_of_accepted']}, into narrow {r['accepted_into_narrow']}, "
                   f"narrow leak rate {r['narrow_leak_rate']}, narrow recall {r['narrow_recall']}")
+    check = results["label_cross_check"]
+    print(f"label cross-check: {check['voted_held_out']} of {check['strongreject_narrow_labels']} StrongREJECT narrow labels "
+          f"voted held out by HarmBench at {check['min_share']}")
     print(f"written to {RESULTS.relative_to(PROJECT_ROOT)}")
     return 0
 
