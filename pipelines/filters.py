@@ -1,8 +1,10 @@
 """Quality filters on revisions: each rejected row gets one reason, checked in this order.
 
     empty       no text, or shorter than ``filters.min_chars``
-    truncated   the model hit its token budget before finishing (unless ``filters.reject_truncated`` is false)
     degenerate  repetition: the fraction of repeated word 3-grams exceeds ``filters.max_repeated_ngram_fraction``
+                (before ``truncated``: a repetition loop usually runs into the token budget too, and a larger
+                budget would not fix it)
+    truncated   the model hit its token budget before finishing (unless ``filters.reject_truncated`` is false)
     unchanged   the revision differs from the initial answer by less than ``filters.min_edit_fraction`` of its words
     harmful     (only when ``filters.judge`` is true) the project's judge (ethos.analysis.judge, configured by the
                 recipe's ``evaluation`` section) still rates the revision harmful
@@ -17,7 +19,7 @@ import pandas as pd
 
 from ethos.errors import EthosError
 
-REASONS = ("empty", "truncated", "degenerate", "unchanged", "harmful")
+REASONS = ("empty", "degenerate", "truncated", "unchanged", "harmful")
 _NGRAM = 3
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -47,10 +49,10 @@ def rule_reason(revision: str | None, finish: str | None, initial: str | None, c
     """The first rule-based reason to reject one revision, or None when it passes (missing values: None or NaN)."""
     if not isinstance(revision, str) or len(revision.strip()) < max(config.min_chars, 1):
         return "empty"
-    if finish == "length" and config.reject_truncated:
-        return "truncated"
     if repeated_ngram_fraction(revision) > config.max_repeated_ngram_fraction:
         return "degenerate"
+    if finish == "length" and config.reject_truncated:
+        return "truncated"
     if edit_fraction(initial if isinstance(initial, str) else "", revision) < config.min_edit_fraction:
         return "unchanged"
     return None

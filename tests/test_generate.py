@@ -183,6 +183,8 @@ def test_filters_reject_each_kind_of_bad_revision():
     assert _reason(GOOD, finish="length") == "truncated"
     assert _reason(GOOD, finish="length", reject_truncated=False) is None
     assert _reason("I can help. " + "you should talk to them " * 12) == "degenerate"
+    # A repetition loop that ran into the token budget is degenerate: more tokens would not help.
+    assert _reason("I can help. " + "you should talk to them " * 12, finish="length") == "degenerate"
     assert _reason(INITIAL) == "unchanged"
     assert _reason(INITIAL.replace("Sure,", "Sure!")) == "unchanged"  # punctuation is not an edit
     assert _reason(INITIAL + " Have fun.", min_edit_fraction=0.2) == "unchanged"
