@@ -22,6 +22,20 @@ REASON_MEANINGS = {
     "unchanged": "the revision differs from the initial answer by less than `min_edit_fraction`",
     "harmful": "the judge still rated the revision harmful (`judge: true`)",
 }
+# The select stage's decisions (analysis/select.py), as the card explains them.
+SELECTION_MEANINGS = {
+    "exact": "the same text as an evaluation or over-refusal prompt",
+    "normalized": "the same text as an evaluation prompt after normalisation",
+    "ngram": "word-shingle Jaccard to an evaluation prompt at or above `max_ngram_jaccard`",
+    "embedding": "embedding cosine to an evaluation prompt at or above `max_cosine`",
+    "duplicate": "the same normalised text as another training prompt",
+    "narrow_confidence": "its category was voted with confidence below `narrow_min_confidence`",
+    "heldout_vote": "the labelled prompts of other sources vote its source label into a held-out category",
+    "heldout_exact": "the same text as a held-out training prompt",
+    "heldout_normalized": "the same normalised text as a held-out training prompt",
+    "heldout_ngram": "a near-duplicate (word shingles) of a held-out training prompt",
+    "heldout_embedding": "a near-duplicate (embedding) of a held-out training prompt",
+}
 _LOCAL_SUFFIXES = {".csv", ".jsonl", ".json", ".parquet", ".txt"}
 
 
@@ -95,6 +109,17 @@ def _filter_facts(recipe, samples: pd.DataFrame, rejected: pd.DataFrame | None) 
     return {"settings": recipe.filters.model_dump(mode="json"), "reasons": reasons, "per_constitution": per_constitution}
 
 
+def _selection_facts(store: RunStore) -> list[dict] | None:
+    """How many training prompts selection removed, or kept out of the narrow sets, and why (None: no record)."""
+    if not store.has_table("decontamination"):
+        return None
+    decisions = store.read_table("decontamination")
+    counts = decisions.groupby(["action", "reason"]).size().reset_index(name="prompts")
+    return [{"action": "removed from training" if r["action"] == "removed" else "kept out of the narrow sets",
+             "reason": r["reason"], "meaning": SELECTION_MEANINGS.get(r["reason"], ""), "prompts": int(r["prompts"])}
+            for r in counts.to_dict("records")]
+
+
 def _verification_facts(verification: dict | None) -> dict | None:
     if verification is None:
         return None
@@ -159,6 +184,7 @@ def dataset_card(store: RunStore, repo_id: str, configs: list[DataConfig], url: 
         "constitutions": constitution_facts(recipe),
         "generation": _generation_facts(recipe, samples),
         "filters": _filter_facts(recipe, samples, rejected),
+        "selection": _selection_facts(store),
         "verification": _verification_facts(read_verification(store)),
         "leak_scores": _leak_facts(store),
         "has_leak_scores": any(c.name == "leak_scores" for c in configs),

@@ -76,6 +76,10 @@ def _write_inputs(store: RunStore, audit: bool = True) -> None:
     store.write_table("eval_prompts", pd.DataFrame(
         [{"prompt_id": p, "prompt": t, "source": "harmbench", "category": c, "role": r, "scope": s}
          for p, c, r, s, t in EVAL_PROMPTS]), "select")
+    store.write_table("decontamination", pd.DataFrame([
+        {"prompt_id": "x1", "reason": "exact", "matched_prompt_id": EVAL_PROMPTS[0][0], "score": 1.0, "action": "removed"},
+        {"prompt_id": "x2", "reason": "heldout_vote", "matched_prompt_id": EVAL_PROMPTS[0][0], "score": 0.95,
+         "action": "not_narrow"}]), "select")
     ids = [p[0] for p in TRAIN_PROMPTS] + [p[0] for p in EVAL_PROMPTS]
     # One-hot embeddings: every pair of prompts has cosine 0, far below any leak threshold.
     store.write_table("prompt_embeddings", pd.DataFrame(
@@ -293,6 +297,7 @@ def test_cards_carry_the_metadata(loaded_back, run):
     for check in verification["checks"]:
         assert f"`{check['check']}`" in text
     assert "| `truncated` |" in text and "| `unchanged` |" in text  # filter counts
+    assert "| removed from training | `exact` |" in text and "| kept out of the narrow sets | `heldout_vote` |" in text
     assert "| deontology-narrow | 2 | 1 | 1 |" in text  # audit statistics
     assert "Content warning" in text and "SmolLM2-135M-Instruct" in text and "@misc{" in text
     assert "`principle_seed`" in text and "`generation_params`" in text  # column reference with provenance
