@@ -33,6 +33,15 @@ response already given.
   agree), and ``leak_rate`` with its 95 % Wilson interval ``leak_rate_lo``/``leak_rate_hi``: the flagged share of
   the audited random draw only (``random_flagged`` of ``random_audited``), an unbiased estimate for the set.
 
+**Category review.** Training prompts that selection kept out of the narrow sets only because their narrow
+category is in doubt (``needs_audit``, ``narrow_confidence``, ``heldout_vote``; see ``review_candidates``) go to
+one more dataset, ``<run>-category-review``: one record per prompt, the question which category it belongs to.
+A prompt that every annotator who answered put in the same narrow category is written to ``audit_confirmed``
+(``prompt_id, category, annotators``), and ``load_sft_set`` counts its samples as narrow (``in_narrow`` true,
+the confirmed category) in every set. Unanimity, where removal takes one flag: adding to a narrow set needs more
+certainty than taking out. Verification accepts confirmed prompts in check 1. Review answers are kept in
+``audit_responses`` under the dataset ``category-review``, with the prompt id in ``sample_id``.
+
 The Argilla server is the source of truth: a pull rebuilds the tables from it, so a changed answer changes the
 decision, and re-pulling an unchanged server rewrites nothing (tables are only written when their content
 changed). Sets whose Argilla dataset is gone keep their earlier rows. Verification reruns after a pull when the
@@ -66,6 +75,10 @@ SUGGESTION_AGENT = "ethos-verify:leak_score"
 DEFAULT_API_URL = "http://localhost:6900"
 PICK_TOP, PICK_RANDOM = "top_leak", "random"
 RECORDS_PAGE = 500
+REVIEW_SET = "category-review"  # the doubtful prompts' review, beside the per-set audits
+REVIEW_QUESTION = "reviewed_category"
+DOUBTS = ("needs_audit", "narrow_confidence", "heldout_vote")
+CONFIRMED_COLUMNS = ["prompt_id", "category", "annotators"]
 
 RESPONSE_COLUMNS = ["dataset", "sample_id", "annotator", "question", "value", "submitted_at"]
 REMOVED_COLUMNS = ["sample_id", "constitution", "category", "rationale", "annotator"]
@@ -172,10 +185,9 @@ def pre_audit_set(store: RunStore, set_name: str) -> pd.DataFrame:
     rows = load_sft_set(store, set_name)
     constitution, scope = split_name(set_name)
     if scope == "narrow" and store.has_table("audit_removed"):
-        samples = store.read_table("samples")
         removed = set(store.read_table("audit_removed")["sample_id"])
-        back = samples[(samples["constitution"] == constitution) & samples["in_narrow"]
-                       & samples["sample_id"].isin(removed)]
+        samples = load_sft_set(store, f"{constitution}-broad")  # with the category review's confirmations
+        back = samples[samples["in_narrow"] & samples["sample_id"].isin(removed)]
         rows = pd.concat([rows, back], ignore_index=True)
     return rows
 
@@ -225,6 +237,48 @@ def suggest_category(row, held_out: list[str], thresholds) -> tuple[str, float] 
     if leak and nearest in held_out:
         return str(nearest), float(score)
     return NONE_LABEL, 1.0 - float(score)
+
+
+def review_candidates(store: RunStore) -> pd.DataFrame:
+    """Training prompts kept out of the narrow sets only because their narrow category is in doubt.
+
+    That is: waiting for audit (``needs_audit``), voted below ``narrow_min_confidence``, or contradicted by other
+    sources' labels (``heldout_vote``). Near-duplicates of held-out prompts are no candidates: no answer about
+    their category makes them safe. Columns: ``prompt_id, prompt, source, category, category_confidence, doubt``.
+    """
+    recipe = store.recipe()
+    train = store.read_table("train_prompts")
+    decisions = store.read_table("decontamination") if store.has_table("decontamination") else pd.DataFrame(
+        columns=["prompt_id", "reason", "action"])
+    reasons = decisions[decisions["action"] == "not_narrow"].groupby("prompt_id")["reason"].agg(set).to_dict()
+    needs_audit = train["needs_audit"] if "needs_audit" in train else pd.Series(False, index=train.index)
+    doubtful = train[train["category"].isin(recipe.splits.narrow_categories) & ~train["in_narrow"].astype(bool)]
+    doubts = []
+    for row, audit_flag in zip(doubtful.itertuples(), needs_audit[doubtful.index]):
+        why = reasons.get(row.prompt_id, set())
+        near_held_out = any(r.startswith("heldout_") and r != "heldout_vote" for r in why)
+        doubts.append(None if near_held_out else
+                      "needs_audit" if audit_flag else next((d for d in DOUBTS[1:] if d in why), None))
+    sampled = set(store.read_table("samples", columns=["prompt_id"])["prompt_id"])
+    out = doubtful.assign(doubt=doubts)
+    out = out[out["doubt"].notna() & out["prompt_id"].isin(sampled)]
+    return out[["prompt_id", "prompt", "source", "category", "category_confidence", "doubt"]].sort_values(
+        "prompt_id").reset_index(drop=True)
+
+
+def confirm(responses: pd.DataFrame, narrow: list[str]) -> pd.DataFrame:
+    """Prompts of the category review that every annotator who answered put in the same narrow category.
+
+    Unanimity, on purpose: bringing a prompt into a narrow set needs more certainty than taking one out (where
+    one flag is enough)."""
+    answers = responses[(responses["dataset"] == REVIEW_SET) & (responses["question"] == REVIEW_QUESTION)]
+    rows = []
+    for prompt_id, group in answers.groupby("sample_id", sort=True):
+        chosen = set(group["value"])
+        if len(chosen) == 1 and (category := chosen.pop()) in narrow:
+            rows.append({"prompt_id": prompt_id, "category": category,
+                         "annotators": ", ".join(sorted(set(group["annotator"])))})
+    return pd.DataFrame(rows, columns=CONFIRMED_COLUMNS)
 
 
 # -- the Argilla dataset -------------------------------------------------------------------------------------
@@ -314,6 +368,45 @@ def build_settings(recipe, set_name: str, held_out: list[str]):
     )
 
 
+def build_review_settings(recipe):
+    import argilla as rg
+
+    taxonomy = recipe.taxonomy_obj()
+    narrow = ", ".join(recipe.splits.narrow_categories)
+    listing = "\n".join(f"- **{name}**: {text}" for name, text in taxonomy.categories.items())
+    return rg.Settings(
+        guidelines=(f"These training prompts of run `{recipe.name}` were kept out of the narrow sets ({narrow}) "
+                    "because their category is in doubt: the automatic vote was unsure, or other datasets file "
+                    "similar prompts under another category. Read the prompt and choose the category it belongs "
+                    "to. A prompt joins the narrow sets only when every annotator who answers chooses the same "
+                    f"narrow category.\n\nCategories:\n{listing}"),
+        fields=[rg.TextField(name="prompt", title="Prompt", use_markdown=False)],
+        questions=[
+            rg.LabelQuestion(name=REVIEW_QUESTION, title="Which category does this prompt belong to?",
+                             labels={c: c for c in taxonomy.categories}),
+            rg.TextQuestion(name=RATIONALE_QUESTION, title="Rationale (optional)", required=False),
+        ],
+        metadata=[
+            rg.TermsMetadataProperty(name="category", title="category it was given", options=list(taxonomy.categories)),
+            rg.TermsMetadataProperty(name="source", title="source", options=[s.name for s in recipe.sources]),
+            rg.FloatMetadataProperty(name="category_confidence", title="categorisation confidence", min=0.0, max=1.0),
+            rg.TermsMetadataProperty(name="doubt", title="why it is in doubt", options=list(DOUBTS)),
+        ],
+    )
+
+
+def _review_records(candidates: pd.DataFrame) -> list:
+    import argilla as rg
+
+    return [rg.Record(id=row["prompt_id"], fields={"prompt": row["prompt"]},
+                      metadata={"category": row["category"], "source": row["source"], "doubt": row["doubt"],
+                                "category_confidence": float(row["category_confidence"])},
+                      suggestions=[rg.Suggestion(REVIEW_QUESTION, row["category"],
+                                                 score=round(float(row["category_confidence"]), 6),
+                                                 agent="ethos-categorize")])
+            for row in candidates.to_dict("records")]
+
+
 def _check_compatible(dataset, settings, name: str) -> None:
     """A dataset pushed before must ask the same questions, or old and new answers would not mean the same."""
     def shape(s):
@@ -377,6 +470,7 @@ def push(store: RunStore, include_broad: bool | None = None, client=None) -> lis
         picked = select_for_audit(audit_population(store, set_name), recipe.audit.top_leak_candidates,
                                   recipe.audit.random_samples, recipe.seed)
         plans.append((set_name, picked))
+    review = review_candidates(store)
     client = client or connect()
     pushed = []
     with argilla_errors(f"push to workspace {recipe.audit.workspace!r}"):
@@ -396,6 +490,17 @@ def push(store: RunStore, include_broad: bool | None = None, client=None) -> lis
                 dataset.records.log(_records(picked, held_out, recipe.verification), batch_size=min(200, len(picked)))
             pushed.append(PushedSet(set_name, name, len(picked), int((picked["audit_pick"] == PICK_TOP).sum()),
                                     int((picked["audit_pick"] == PICK_RANDOM).sum()),
+                                    f"{client.api_url}/dataset/{dataset.id}/annotation-mode"))
+        if len(review):
+            name = argilla_dataset_name(recipe.name, REVIEW_SET)
+            settings = build_review_settings(recipe)
+            dataset = existing.get(name)
+            if dataset is None:
+                dataset = rg.Dataset(name=name, workspace=workspace, settings=settings, client=client).create()
+            else:
+                _check_compatible(dataset.get(), settings, name)
+            dataset.records.log(_review_records(review), batch_size=min(200, len(review)))
+            pushed.append(PushedSet(REVIEW_SET, name, len(review), 0, 0,
                                     f"{client.api_url}/dataset/{dataset.id}/annotation-mode"))
     return pushed
 
@@ -552,7 +657,8 @@ def _verification_stale(store: RunStore) -> bool:
     report = store.root / "verification.json"
     if not report.exists():
         return True
-    newest = max((store.table_path(t).stat().st_mtime for t in ("audit_responses", "audit_removed", "audit_summary")
+    newest = max((store.table_path(t).stat().st_mtime for t in ("audit_responses", "audit_removed", "audit_summary",
+                                                                 "audit_confirmed")
                   if store.table_path(t).exists()), default=0.0)
     return report.stat().st_mtime < newest
 
@@ -562,6 +668,7 @@ class PullResult:
     summary: pd.DataFrame
     changed: list[str]
     verification: dict | None
+    confirmed: pd.DataFrame  # audit_confirmed: review prompts now in the narrow sets
 
 
 def pull(store: RunStore, client=None, verify: bool = True) -> PullResult:
@@ -574,7 +681,7 @@ def pull(store: RunStore, client=None, verify: bool = True) -> PullResult:
     with argilla_errors(f"read the audit datasets in workspace {recipe.audit.workspace!r}"):
         workspace = _workspace(client, recipe.audit.workspace)
         existing = {d.name: d for d in workspace.datasets} if workspace is not None else {}
-        for set_name in audit_set_names(recipe, include_broad=True):
+        for set_name in [*audit_set_names(recipe, include_broad=True), REVIEW_SET]:
             name = argilla_dataset_name(recipe.name, set_name)
             if name in existing:
                 found[set_name] = (name, _server_records(client, existing[name].id))
@@ -586,8 +693,15 @@ def pull(store: RunStore, client=None, verify: bool = True) -> PullResult:
     per_set = {set_name: responses_frame(set_name, records, usernames) for set_name, (_, records) in found.items()}
     responses = _ordered([*per_set.values(), _kept_rows(store, "audit_responses", lambda r: r["dataset"] not in found)],
                          RESPONSE_COLUMNS, ["dataset", "sample_id", "annotator", "question"])
+    # The narrow sets' populations include the prompts the review confirms, so that table is written first.
+    changed = []
+    if REVIEW_SET in found:
+        confirmed = _ordered([confirm(responses, list(recipe.splits.narrow_categories))], CONFIRMED_COLUMNS, ["prompt_id"])
+        changed += ["audit_confirmed"] if write_if_changed(store, "audit_confirmed", confirmed) else []
+    else:  # no review dataset (any more): earlier confirmations stand
+        confirmed = _ordered([_kept_rows(store, "audit_confirmed", lambda r: True)], CONFIRMED_COLUMNS, ["prompt_id"])
     # A sample is the same sample in its broad and narrow set: a flag from either takes it out of the narrow set.
-    narrow_ids = set(samples.loc[samples["in_narrow"], "sample_id"])
+    narrow_ids = set(samples.loc[samples["in_narrow"] | samples["prompt_id"].isin(confirmed["prompt_id"]), "sample_id"])
     decisions = decide(responses, held_out)
     flagged = decisions[decisions["flagged"] & decisions["sample_id"].isin(narrow_ids)]
     removed = flagged.assign(constitution=flagged["sample_id"].map(samples.set_index("sample_id")["constitution"]))
@@ -595,17 +709,18 @@ def pull(store: RunStore, client=None, verify: bool = True) -> PullResult:
 
     summaries = [pd.DataFrame([summarise(set_name, name, pre_audit_set(store, set_name), records,
                                          decide(per_set[set_name], held_out), set(removed["sample_id"]))
-                               for set_name, (name, records) in found.items()], columns=SUMMARY_COLUMNS),
+                               for set_name, (name, records) in found.items() if set_name != REVIEW_SET],
+                              columns=SUMMARY_COLUMNS),
                  _kept_rows(store, "audit_summary", lambda r: r["dataset"] not in found)]
     tables = {"audit_responses": responses, "audit_removed": removed,
               "audit_summary": _ordered(summaries, SUMMARY_COLUMNS, ["dataset"]).astype(_SUMMARY_TYPES)}
-    changed = [name for name, frame in tables.items() if write_if_changed(store, name, frame)]
+    changed += [name for name, frame in tables.items() if write_if_changed(store, name, frame)]
     verification = None
     if verify and (changed or _verification_stale(store)):
         from .verify import run_verification
 
         verification = run_verification(store)
-    return PullResult(tables["audit_summary"], changed, verification)
+    return PullResult(tables["audit_summary"], changed, verification, confirmed)
 
 
 def _ordered(frames: list[pd.DataFrame], columns: list[str], by: list[str]) -> pd.DataFrame:
@@ -640,6 +755,10 @@ def run_cli(args) -> int:
     store = RunStore.open(args.run_dir)
     if args.audit_command == "push":
         for item in push(store, include_broad=True if args.broad else None):
+            if item.set_name == REVIEW_SET:
+                print(f"{item.set_name}: {item.records} prompts whose narrow category is in doubt -> Argilla dataset "
+                      f"{item.dataset}: {item.url}")
+                continue
             print(f"{item.set_name}: {item.records} records ({item.top} leak candidates first, {item.random} random) "
                   f"-> Argilla dataset {item.dataset}: {item.url}")
         return 0
@@ -651,6 +770,8 @@ def run_cli(args) -> int:
         agreement = "n/a" if pd.isna(row["agreement"]) else f"{row['agreement']:.2f}"
         print(f"{row['dataset']}: audited {row['audited']}, flagged {row['flagged']}, removed {row['removed']}, "
               f"agreement (alpha) {agreement} on {row['overlap']} shared, leak rate {rate}")
+    if len(result.confirmed):
+        print(f"category review: {len(result.confirmed)} prompts confirmed in a narrow category join the narrow sets")
     print("tables updated: " + (", ".join(result.changed) if result.changed else "none (nothing new)"))
     if result.verification is not None:
         print(f"verification rerun: {'passed' if result.verification.get('passed') else 'FAILED'}")

@@ -13,8 +13,9 @@ What is compared with what:
 The checks, each an SQL file in ``analysis/sql/``:
 
 1. ``narrow_categories``: no narrow-set sample has a held-out category, by its own label and by its training
-   prompt's (which must exist, be marked ``in_narrow`` and have a category confidence of at least
-   ``categorization.narrow_min_confidence``).
+   prompt's (which must exist, and be marked ``in_narrow`` with a category confidence of at least
+   ``categorization.narrow_min_confidence`` unless a human review confirmed it in a narrow category:
+   ``audit_confirmed``).
 2. ``normalized_text``: no subject equals a reference after normalisation (``sql/normalize.sql``).
 3. ``ngram_overlap``: word-shingle Jaccard to every reference below ``verification.max_ngram_jaccard``.
 4. ``embedding_similarity``: cosine to the nearest reference below ``verification.max_cosine``.
@@ -53,12 +54,13 @@ CHECKS = (
     ("audit_flags_resolved", "check_audit_flags.sql", "every sample a human flagged as held out left the narrow sets"),
 )
 REQUIRED_TABLES = ("samples", "train_prompts", "eval_prompts", "prompt_embeddings")
-CHECKED_TABLES = REQUIRED_TABLES + ("prompts_categorized", "audit_removed", "audit_responses")
+CHECKED_TABLES = REQUIRED_TABLES + ("prompts_categorized", "audit_removed", "audit_responses", "audit_confirmed")
 SAMPLE_COLUMNS = ["sample_id", "prompt_id", "prompt", "constitution", "category", "in_narrow"]
 RESULT_FILE = "verification.json"
 SUMMARY_FILE = "verification.txt"
 _JSON_IDS = 1000  # offending ids kept in verification.json per check (the table keeps them all)
 _AUDIT_RESPONSES_SCHEMA = "sample_id VARCHAR, annotator VARCHAR, question VARCHAR, value VARCHAR, submitted_at TIMESTAMP"
+_AUDIT_CONFIRMED_SCHEMA = "prompt_id VARCHAR, category VARCHAR, annotators VARCHAR"
 _AUDIT_REMOVED_SCHEMA = "sample_id VARCHAR, constitution VARCHAR, category VARCHAR, rationale VARCHAR, annotator VARCHAR"
 
 
@@ -193,6 +195,8 @@ def _prepare(con, store: RunStore, samples: pd.DataFrame, settings: dict) -> Non
         con.execute(f"CREATE OR REPLACE TEMP TABLE audit_responses ({_AUDIT_RESPONSES_SCHEMA})")
     if not store.has_table("audit_removed"):
         con.execute(f"CREATE OR REPLACE TEMP TABLE audit_removed ({_AUDIT_REMOVED_SCHEMA})")
+    if not store.has_table("audit_confirmed"):
+        con.execute(f"CREATE OR REPLACE TEMP TABLE audit_confirmed ({_AUDIT_CONFIRMED_SCHEMA})")
     con.execute("CREATE OR REPLACE TEMP TABLE verify_offenses (check_name VARCHAR, sample_id VARCHAR, problem VARCHAR, "
                 "ref_id VARCHAR, ref_category VARCHAR, score DOUBLE)")
     run_sql(con, "normalize.sql", narrow_categories=settings["narrow_categories"],
@@ -358,7 +362,7 @@ STAGE = Stage(
     name="verify",
     description="prove with DuckDB that narrow sets hold no held-out category or evaluation prompt",
     reads=("samples", "train_prompts", "eval_prompts", "prompt_embeddings", "prompts_categorized?", "audit_removed?",
-           "audit_responses?"),
+           "audit_confirmed?", "audit_responses?"),
     writes=("verification_checks", "leak_scores"),
     sections=("verification", "splits", "categorization"),
     run=_run,

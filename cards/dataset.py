@@ -189,6 +189,7 @@ def dataset_card(store: RunStore, repo_id: str, configs: list[DataConfig], url: 
         "leak_scores": _leak_facts(store),
         "has_leak_scores": any(c.name == "leak_scores" for c in configs),
         "audit": _audit_facts(store),
+        "confirmed": len(store.read_table("audit_confirmed")) if store.has_table("audit_confirmed") else 0,
     }
     hub_sources = sorted({s.uri for s in recipe.sources if s.role == "train" and is_hub_id(s.uri)})
     card_data = DatasetCardData(

@@ -114,7 +114,7 @@ def _run(ctx: StageContext) -> None:
 STAGE = Stage(
     name="train",
     description="train a LoRA adapter per constitution and scope (TRL SFTTrainer + PEFT)",
-    reads=("samples", "audit_removed?"),
+    reads=("samples", "audit_removed?", "audit_confirmed?"),
     writes=("adapters",),
     sections=("model", "training"),
     run=_run,
