@@ -444,6 +444,17 @@ def _records(picked: pd.DataFrame, held_out: list[str], thresholds) -> list:
     return records
 
 
+def _dataset(client, workspace, existing: dict, name: str, settings):
+    """The Argilla dataset ``name``: created with ``settings``, or the existing one if it asks the same questions."""
+    import argilla as rg
+
+    dataset = existing.get(name)
+    if dataset is None:
+        return rg.Dataset(name=name, workspace=workspace, settings=settings, client=client).create()
+    _check_compatible(dataset.get(), settings, name)  # get() loads the settings a listing omits
+    return dataset
+
+
 def _workspace(client, name: str):
     return next((w for w in client.workspaces if w.name == name), None)
 
@@ -480,12 +491,7 @@ def push(store: RunStore, include_broad: bool | None = None, client=None) -> lis
         existing = {d.name: d for d in workspace.datasets}
         for set_name, picked in plans:
             name = argilla_dataset_name(recipe.name, set_name)
-            settings = build_settings(recipe, set_name, held_out)
-            dataset = existing.get(name)
-            if dataset is None:
-                dataset = rg.Dataset(name=name, workspace=workspace, settings=settings, client=client).create()
-            else:
-                _check_compatible(dataset.get(), settings, name)  # get() loads the settings a listing omits
+            dataset = _dataset(client, workspace, existing, name, build_settings(recipe, set_name, held_out))
             if len(picked):
                 dataset.records.log(_records(picked, held_out, recipe.verification), batch_size=min(200, len(picked)))
             pushed.append(PushedSet(set_name, name, len(picked), int((picked["audit_pick"] == PICK_TOP).sum()),
@@ -493,12 +499,7 @@ def push(store: RunStore, include_broad: bool | None = None, client=None) -> lis
                                     f"{client.api_url}/dataset/{dataset.id}/annotation-mode"))
         if len(review):
             name = argilla_dataset_name(recipe.name, REVIEW_SET)
-            settings = build_review_settings(recipe)
-            dataset = existing.get(name)
-            if dataset is None:
-                dataset = rg.Dataset(name=name, workspace=workspace, settings=settings, client=client).create()
-            else:
-                _check_compatible(dataset.get(), settings, name)
+            dataset = _dataset(client, workspace, existing, name, build_review_settings(recipe))
             dataset.records.log(_review_records(review), batch_size=min(200, len(review)))
             pushed.append(PushedSet(REVIEW_SET, name, len(review), 0, 0,
                                     f"{client.api_url}/dataset/{dataset.id}/annotation-mode"))
