@@ -244,7 +244,8 @@ def review_candidates(store: RunStore) -> pd.DataFrame:
 
     That is: waiting for audit (``needs_audit``), voted below ``narrow_min_confidence``, or contradicted by other
     sources' labels (``heldout_vote``). Near-duplicates of held-out prompts are no candidates: no answer about
-    their category makes them safe. Columns: ``prompt_id, prompt, source, category, category_confidence, doubt``.
+    their category makes them safe. At most ``audit.review_prompts``, highest confidence first. Columns:
+    ``prompt_id, prompt, source, category, category_confidence, doubt``.
     """
     recipe = store.recipe()
     train = store.read_table("train_prompts")
@@ -262,8 +263,9 @@ def review_candidates(store: RunStore) -> pd.DataFrame:
     sampled = set(store.read_table("samples", columns=["prompt_id"])["prompt_id"])
     out = doubtful.assign(doubt=doubts)
     out = out[out["doubt"].notna() & out["prompt_id"].isin(sampled)]
-    return out[["prompt_id", "prompt", "source", "category", "category_confidence", "doubt"]].sort_values(
-        "prompt_id").reset_index(drop=True)
+    # The likeliest to be confirmed first (highest confidence), up to audit.review_prompts.
+    out = out.sort_values(["category_confidence", "prompt_id"], ascending=[False, True]).head(recipe.audit.review_prompts)
+    return out[["prompt_id", "prompt", "source", "category", "category_confidence", "doubt"]].reset_index(drop=True)
 
 
 def confirm(responses: pd.DataFrame, narrow: list[str]) -> pd.DataFrame:

@@ -103,6 +103,7 @@ class AuditConfig(Section):
     include_broad: bool = False  # also push the broad sets (their flags remove samples from the narrow sets too)
     top_leak_candidates: int = Field(default=20, ge=0)  # the samples the automatic checks rate likeliest to leak
     random_samples: int = Field(default=20, ge=0)  # a seeded random draw: the unbiased leak-rate estimate
+    review_prompts: int = Field(default=50, ge=0)  # doubtful prompts offered for category review, likeliest first
     workspace: str = Field(default="ethos", pattern=r"^[A-Za-z0-9_\-]+$")  # Argilla's rule for workspace names
 
 

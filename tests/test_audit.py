@@ -355,7 +355,9 @@ def test_category_review_brings_unanimously_confirmed_prompts_into_the_narrow_se
                                                                                      argilla_env, annotators, capsys):
     store = make_run(tmp_path, write_recipe, "review", doubtful=True)
     candidates = audit.review_candidates(store)
-    assert candidates.set_index("prompt_id")["doubt"].to_dict() == {"h4": "needs_audit", "i4": "narrow_confidence"}
+    assert candidates[["prompt_id", "doubt"]].values.tolist() == [["i4", "narrow_confidence"], ["h4", "needs_audit"]]
+    assert audit.review_candidates(make_run(tmp_path, write_recipe, "capped", doubtful=True, review_prompts=1))[
+        "prompt_id"].tolist() == ["i4"]  # audit.review_prompts caps them, likeliest (highest confidence) first
     assert main(["audit", "push", str(store.root)]) == 0
     assert "category-review: 2 prompts whose narrow category is in doubt" in capsys.readouterr().out
     dataset = server_dataset("review", audit.REVIEW_SET)
