@@ -11,10 +11,10 @@
    reaches categorization.narrow_min_confidence (source labels have 1.0; voted ones below it stay broad-only,
    reason ``narrow_confidence``, action ``not_narrow``), the labelled prompts of the other sources do not vote
    its source label into a held-out category with that confidence (reason ``heldout_vote``; see
-   ``contradicted_labels``), and the prompt is not a near-duplicate of any held-out
-   training prompt (a prompt of role train whose category is held out, whether or not it survived the cap) by
-   the same three text/embedding tests; those stay in the broad pool, reason ``heldout_<test>``, action
-   ``not_narrow``.
+   ``contradicted_labels``), and the prompt is not a near-duplicate of any held-out training prompt (a prompt
+   of role train whose category is held out, whether or not it survived the cap) by the same three
+   text/embedding tests (reason ``heldout_<test>``). Prompts that fail stay in the broad pool, action
+   ``not_narrow``; a human category review can bring the doubtful ones back (``ethos.analysis.audit``).
 
 ``decontamination`` lists every decision: ``prompt_id, reason, matched_prompt_id, score, action``
 (``removed`` from the pool, or ``not_narrow``). The matching itself is the SQL that ``ethos verify`` runs.
