@@ -211,7 +211,8 @@ def _check_rows(offenses: pd.DataFrame, counts: dict, settings: dict, audit: dic
     references = f"{counts['eval_prompts']} evaluation and {counts['heldout_prompts']} held-out prompts"
     passing = {
         "narrow_categories": f"all {counts['narrow_samples']} narrow-set samples are {' or '.join(settings['narrow_categories'])} "
-                             f"and come from in_narrow training prompts categorised with confidence >= {settings['narrow_min_confidence']}",
+                             f"and come from in_narrow training prompts categorised with confidence >= {settings['narrow_min_confidence']} "
+                             "or confirmed by a category review",
         "normalized_text": f"{counts['samples']} samples against {references}: no normalised repeat",
         "ngram_overlap": f"{counts['samples']} samples against {references}: every {settings['ngram_size']}-word shingle "
                          f"Jaccard below {settings['max_ngram_jaccard']}",
