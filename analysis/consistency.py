@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from ethos.errors import EthosError
+from ethos.store import atomic_path
 from ethos.stages import Stage
 
 from .consistency_metrics import (  # noqa: F401  (re-exported for the report)
@@ -293,9 +293,8 @@ def evaluate_models(base_ref: str, subjects: list[Subject], settings, items, wor
             rows = evaluate_subject(model, tokenizer, subject.name, judge, items, settings, others, source)
             del model, tokenizer
             gc.collect()
-            tmp = path.with_suffix(".parquet.tmp")
-            rows.to_parquet(tmp, index=False)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                rows.to_parquet(tmp, index=False)
         if subject.adapter is None:
             base_answers = rows[rows["experiment"] == "harmfulness"][["item_id", "paraphrase", "sample", "response"]]
             base_key = key

@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from ethos.errors import EthosError
+from ethos.store import atomic_path
 
 EMBEDDED_MINILM = "embedded-minilm"
 _CHUNK = 2048  # texts embedded between two cache writes: what a crash can cost
@@ -94,9 +95,8 @@ class EmbeddingCache:
         path = self.folder / f"part-{index:06d}-{os.getpid()}.parquet"
         flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).ravel())
         table = pa.table({"key": list(keys), "embedding": pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])})
-        tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp)
 
 
 def embed_texts(texts: Sequence[str], model_ref: str, cache_dir: Path | None = None, batch_size: int = 64,

@@ -12,12 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import pandas as pd
 
 from ethos.errors import EthosError
+from ethos.store import atomic_path
 from ethos.stages import Stage, StageContext
 
 log = logging.getLogger(__name__)
@@ -96,10 +96,8 @@ class Parts:
 
     def save(self, model: str, kind: str, key: str, frame: pd.DataFrame) -> pd.DataFrame:
         path = self.path(model, kind, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        frame.reset_index(drop=True).to_parquet(tmp, index=False)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            frame.reset_index(drop=True).to_parquet(tmp, index=False)
         self.kept.add(path)
         return frame
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -383,17 +382,17 @@ def write_frame(frame, path: Path) -> None:
     fmt = _SUFFIX_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise EthosError(f"cannot tell the output format of {path}: use .csv, .jsonl, .json or .parquet")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    if fmt == "csv":
-        frame.to_csv(tmp, index=False)
-    elif fmt == "jsonl":
-        frame.to_json(tmp, orient="records", lines=True, force_ascii=False)
-    elif fmt == "json":
-        frame.to_json(tmp, orient="records", force_ascii=False, indent=1)
-    else:
-        frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    from ethos.store import atomic_path
+
+    with atomic_path(path) as tmp:
+        if fmt == "csv":
+            frame.to_csv(tmp, index=False)
+        elif fmt == "jsonl":
+            frame.to_json(tmp, orient="records", lines=True, force_ascii=False)
+        elif fmt == "json":
+            frame.to_json(tmp, orient="records", force_ascii=False, indent=1)
+        else:
+            frame.to_parquet(tmp, index=False)
 
 
 def configure_parser(parser) -> None:

@@ -24,11 +24,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 import pandas as pd
 
 from ethos.errors import EthosError
+from ethos.store import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +78,8 @@ def _download(url: str) -> Path:
         reply.raise_for_status()
     except requests.RequestException as exc:
         raise EthosError(f"persona file {url}: download failed ({type(exc).__name__}); check the URL and network or use a local copy") from None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_bytes(reply.content)
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(reply.content)
     return target
 
 

@@ -12,13 +12,13 @@ import base64
 import html
 import io
 import math
-import os
 import textwrap
 
 import numpy as np
 import pandas as pd
 
 from ethos.errors import EthosError
+from ethos.store import atomic_path
 from ethos.stages import Stage, StageContext
 
 from . import stats
@@ -492,10 +492,8 @@ def _run(ctx: StageContext) -> None:
     page = render_html(recipe.name, metrics, judgements, adapters, narrow, ev.confidence, ev.bootstrap,
                        consistency, audit, verification, generated_at)
     folder = store.root / "report"
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "index.html.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, folder / "index.html")
+    with atomic_path(folder / "index.html") as tmp:
+        tmp.write_text(page, encoding="utf-8")
     records = [{k: _json_safe(v) for k, v in r.items()} for r in metrics.to_dict("records")]
     write_json(folder / "metrics.json", {
         "run": recipe.name, "generated_at": generated_at, "judges": sorted(judgements["judge"].unique()),

@@ -91,8 +91,8 @@ class RunStore:
                     f"{store.root} holds run {meta.get('name')!r}, not {recipe.name!r}: choose another --out folder"
                 )
         store.tables_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(recipe_path, store.root / "recipe.yaml.tmp")
-        os.replace(store.root / "recipe.yaml.tmp", store.root / "recipe.yaml")
+        with atomic_path(store.root / "recipe.yaml") as tmp:
+            shutil.copyfile(recipe_path, tmp)
         meta = {"name": recipe.name, "recipe_path": str(recipe_path), "recipe_hash": recipe.section_hash(),
                 "created_at": now().isoformat(timespec="seconds")}
         _atomic_write_text(meta_path, json.dumps(meta, indent=2))
@@ -161,12 +161,10 @@ class RunStore:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        self.tables_dir.mkdir(parents=True, exist_ok=True)
         path = self.table_path(name)
-        tmp = path.with_suffix(".parquet.tmp")
         table = pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False)
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp)
         fingerprint = file_sha256(path)
         with self.connect() as con:
             con.execute(
@@ -229,13 +227,27 @@ def _sql_str(path: Path) -> str:
     return str(path).replace("'", "''")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path beside ``path`` to write to; it replaces ``path`` only when the block succeeds.
+
+    A kill or an error mid-write leaves the old file (or none) and no partial one: readers never see a torn file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_json(path: Path, data) -> None:
     """Write JSON atomically (stages' reports and summaries)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(path, json.dumps(data, indent=2, default=str, sort_keys=False))

@@ -23,13 +23,13 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import uuid
 from pathlib import Path
 
 import pandas as pd
 
 from ethos.errors import EthosError
+from ethos.store import atomic_path
 from ethos.stages import Stage, StageContext
 
 log = logging.getLogger(__name__)
@@ -103,13 +103,10 @@ def _durable_write_buffer_class():
             rows = batch.data[0]
             if not rows:
                 return
-            folder = self._path / batch.step_name
-            folder.mkdir(parents=True, exist_ok=True)
             # distilabel sorts these files by int(stem): digits only (the batch number, then a random tag).
-            final = folder / f"{batch.seq_no:06d}{uuid.uuid4().int % 10**8:08d}.parquet"
-            tmp = final.with_name(final.name + ".tmp")
-            pq.write_table(pa.Table.from_pylist(rows), tmp)
-            os.replace(tmp, final)
+            final = self._path / batch.step_name / f"{batch.seq_no:06d}{uuid.uuid4().int % 10**8:08d}.parquet"
+            with atomic_path(final) as tmp:
+                pq.write_table(pa.Table.from_pylist(rows), tmp)
 
         def close(self) -> None:
             pass  # nothing is held back
@@ -234,21 +231,15 @@ def _restored_logging():
 def _atomic_write_json(filename: Path, data) -> None:
     import orjson
 
-    filename = Path(filename)
-    filename.parent.mkdir(parents=True, exist_ok=True)
-    tmp = filename.with_name(filename.name + ".tmp")
-    tmp.write_bytes(orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY))
-    os.replace(tmp, filename)
+    with atomic_path(filename) as tmp:
+        tmp.write_bytes(orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY))
 
 
 def _atomic_write_yaml(filename: Path, data) -> None:
     import yaml
 
-    filename = Path(filename)
-    filename.parent.mkdir(parents=True, exist_ok=True)
-    tmp = filename.with_name(filename.name + ".tmp")
-    tmp.write_text(yaml.dump(data, default_flow_style=False, sort_keys=False))
-    os.replace(tmp, filename)
+    with atomic_path(filename) as tmp:
+        tmp.write_text(yaml.dump(data, default_flow_style=False, sort_keys=False))
 
 
 @contextlib.contextmanager
