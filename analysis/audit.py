@@ -175,11 +175,6 @@ def argilla_dataset_name(run_name: str, set_name: str) -> str:
     return f"{run_name}-{set_name}"
 
 
-def held_out_categories(recipe) -> list[str]:
-    narrow = set(recipe.splits.narrow_categories)
-    return [c for c in recipe.taxonomy_obj().categories if c not in narrow]
-
-
 def pre_audit_set(store: RunStore, set_name: str) -> pd.DataFrame:
     """The set as it was before audit removals: the population the audit samples from."""
     rows = load_sft_set(store, set_name)
@@ -477,7 +472,7 @@ def push(store: RunStore, include_broad: bool | None = None, client=None) -> lis
 
     recipe = store.recipe()
     include_broad = recipe.audit.include_broad if include_broad is None else include_broad
-    held_out = held_out_categories(recipe)
+    held_out = recipe.held_out_categories()
     plans = []
     for set_name in audit_set_names(recipe, include_broad):  # read everything before touching the server
         picked = select_for_audit(audit_population(store, set_name), recipe.audit.top_leak_candidates,
@@ -677,7 +672,7 @@ class PullResult:
 def pull(store: RunStore, client=None, verify: bool = True) -> PullResult:
     """Read the submitted responses of every audited set on the server into the run's audit tables."""
     recipe = store.recipe()
-    held_out = held_out_categories(recipe)
+    held_out = recipe.held_out_categories()
     samples = store.read_table("samples")  # fails clearly, before contacting the server, on a run without samples
     client = client or connect()
     found: dict[str, tuple[str, list[dict]]] = {}

@@ -155,9 +155,8 @@ def select(categorized: pd.DataFrame, embeddings: pd.DataFrame, recipe) -> tuple
                                        "matched_prompt_id": None, "score": unsure["category_confidence"],
                                        "action": "not_narrow"}))
         pool.loc[pool["prompt_id"].isin(unsure["prompt_id"]), "in_narrow"] = False
-        held_out_categories = [c for c in recipe.taxonomy_obj().categories if c not in narrow]
         contradicted = contradicted_labels(pool[pool["in_narrow"]], categorized, embeddings, recipe.categorization.k,
-                                           held_out_categories, recipe.categorization.narrow_min_confidence)
+                                           recipe.held_out_categories(), recipe.categorization.narrow_min_confidence)
         decisions.append(contradicted.assign(action="not_narrow"))
         pool.loc[pool["prompt_id"].isin(contradicted["prompt_id"]), "in_narrow"] = False
         held_out = categorized[(categorized["role"] == "train") & ~categorized["category"].isin(narrow)]

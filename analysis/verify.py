@@ -72,11 +72,9 @@ def data_fingerprints(store: RunStore) -> dict[str, str | None]:
 
 def verification_settings(recipe) -> dict:
     """Everything in the recipe that changes the verdict; a change makes an earlier verification stale."""
-    taxonomy = recipe.taxonomy_obj()
-    narrow = list(recipe.splits.narrow_categories)
     return {
-        "narrow_categories": narrow,
-        "held_out_categories": [c for c in taxonomy.categories if c not in narrow],
+        "narrow_categories": list(recipe.splits.narrow_categories),
+        "held_out_categories": recipe.held_out_categories(),
         "narrow_min_confidence": recipe.categorization.narrow_min_confidence,
         "ngram_size": recipe.verification.ngram_size,
         "max_ngram_jaccard": recipe.verification.max_ngram_jaccard,

@@ -163,7 +163,7 @@ def dataset_card(store: RunStore, repo_id: str, configs: list[DataConfig], url: 
     samples = store.read_table("samples")
     rejected = store.read_table("rejected") if store.has_table("rejected") else None
     narrow = list(recipe.splits.narrow_categories)
-    heldout = [c for c in recipe.taxonomy_obj().categories if c not in narrow]
+    heldout = recipe.held_out_categories()
     prompts = samples.drop_duplicates("prompt_id")
     per_category = prompts["category"].value_counts()
     per_source = prompts["source"].value_counts()

@@ -239,6 +239,11 @@ class Recipe(Section):
 
         return load_taxonomy(self.resolve_path(self.taxonomy) if self.taxonomy else None)
 
+    def held_out_categories(self) -> list[str]:
+        """The taxonomy's categories outside splits.narrow_categories: the ones narrow sets must never hold."""
+        narrow = set(self.splits.narrow_categories)
+        return [c for c in self.taxonomy_obj().categories if c not in narrow]
+
     def dataset_names(self) -> list[str]:
         """The SFT sets of this run: one per constitution and scope."""
         return [f"{c}-{scope}" for c in self.constitution_names() for scope in ("broad", "narrow")]

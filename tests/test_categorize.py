@@ -159,7 +159,7 @@ def test_source_labels_that_other_sources_place_in_held_out_categories_stay_out_
     recipe = make_recipe(tmp_path, shared_data)
     categorized, embeddings = categorize(load_prompts(recipe), recipe, cache_dir=tmp_path / "cache")
     narrow = list(recipe.splits.narrow_categories)
-    held_out = [c for c in recipe.taxonomy_obj().categories if c not in narrow]
+    held_out = recipe.held_out_categories()
     candidates = categorized[(categorized["role"] == "train") & categorized["category"].isin(narrow)]
     flagged = contradicted_labels(candidates, categorized, embeddings, recipe.categorization.k, held_out, 0.9)
     by_id = categorized.set_index("prompt_id")
